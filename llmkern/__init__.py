@@ -5,8 +5,10 @@ Every op has a pure-PyTorch reference (``llmkern.reference``) and runs on the ba
 """
 from llmkern.backends import current_backend, use_backend
 from llmkern._info import info
+from llmkern.quant_state import QuantState
 from llmkern import nn, ops
+from llmkern.patch import swap_modules
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "current_backend", "info", "nn", "ops", "use_backend"]
+__all__ = ["__version__", "QuantState", "current_backend", "info", "nn", "ops", "swap_modules", "use_backend"]

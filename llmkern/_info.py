@@ -1,6 +1,7 @@
 """``llmkern.info()``: what this installation runs on and which backend each op resolves to."""
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import warnings
 
@@ -9,10 +10,11 @@ import torch
 from llmkern import backends
 
 
-def _version(module: str) -> str | None:
+def _version(distribution: str) -> str | None:
+    """Installed version of a distribution, read from its metadata (importing it would take seconds)."""
     try:
-        return __import__(module).__version__
-    except Exception:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 

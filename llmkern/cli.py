@@ -10,6 +10,10 @@ import sys
 
 COMMANDS = {
     "info": ("llmkern._info", "print versions, device and the backend each op resolves to"),
+    "check": ("llmkern.tools.check", "check every op, forward and backward, against the reference (exit 1 on a FAIL)"),
+    "bench": ("llmkern.tools.bench", "run the benchmarks of bench/ and print llmkern's speedup over each peer"),
+    "kernels": ("llmkern.tools.kernels", "compile every Triton kernel for sm_80/sm_90 (no GPU needed): registers, spills, smem"),
+    "finetune": ("llmkern.finetune.cli", "QLoRA-tune the shipped small LM for Text2SQL; before/after exact match and execution accuracy"),
 }
 
 

@@ -42,7 +42,10 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _REGISTRY: dict[str, dict[str, str]] = {}
 _LOADED: dict[tuple[str, str], Callable] = {}
 _WARNED: set[tuple[str, str]] = set()
-_local = threading.local()
+# use_backend() entries, innermost last: (token, name). Process-wide rather than per thread because
+# autograd runs the backward of CUDA tensors on its own worker threads, which must see the choice too.
+_CHOICES: list[tuple[object, str]] = []
+_CHOICES_LOCK = threading.Lock()
 
 
 class Unsupported(Exception):
@@ -51,6 +54,15 @@ class Unsupported(Exception):
 
 class ExtensionError(RuntimeError):
     """A C++ extension of csrc/ could not be built or loaded (no compiler, build error)."""
+
+
+def require_dtypes(allowed: tuple[torch.dtype, ...], **tensors: torch.Tensor | None) -> None:
+    """For backend implementations: raise :class:`Unsupported` naming the first given tensor whose dtype
+    is not in ``allowed`` (``None`` entries are skipped), so that the call falls back to the reference."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in allowed:
+            names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+            raise Unsupported(f"{name} is {str(t.dtype).replace('torch.', '')} (this backend takes {names})")
 
 
 def register(op: str, **impls: str) -> None:
@@ -75,24 +87,28 @@ def _check_name(name: str) -> str:
 
 def current_backend() -> str:
     """The backend asked for: the innermost :func:`use_backend`, else ``LLMKERN_BACKEND``, else ``auto``."""
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
+    with _CHOICES_LOCK:
+        if _CHOICES:
+            return _CHOICES[-1][1]
     return _check_name(os.environ.get("LLMKERN_BACKEND", "auto").strip().lower() or "auto")
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager that selects the backend for ops called inside it (this thread only)."""
+    """Context manager that selects the backend for ops called inside it, backward passes included.
+
+    The choice is process-wide (autograd runs CUDA backward passes on its own threads); nested uses
+    restore the enclosing choice on exit.
+    """
     _check_name(name)
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(name)
+    token = object()
+    with _CHOICES_LOCK:
+        _CHOICES.append((token, name))
     try:
         yield
     finally:
-        stack.pop()
+        with _CHOICES_LOCK:
+            _CHOICES[:] = [entry for entry in _CHOICES if entry[0] is not token]
 
 
 def strict() -> bool:

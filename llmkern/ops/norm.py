@@ -53,7 +53,7 @@ def _norm_fwd(
 @_norm_fwd.register_fake
 def _(x, residual, weight, bias, eps, rms):
     m = x.shape[0]
-    sd = _stat_dtype(x)
+    sd = _stat_dtype(x if residual is None else residual)  # statistics are of h, which has residual's dtype
     res = x.new_empty(0) if residual is None else residual.new_empty(x.shape)
     mean = x.new_empty(0 if rms else m, dtype=sd)
     return x.new_empty(x.shape), res, mean, x.new_empty(m, dtype=sd)
@@ -79,7 +79,7 @@ def _norm_bwd(
 def _(dy, dresidual_out, h, weight, bias, mean, rstd, eps, rms):
     dw = weight.new_empty(weight.shape) if weight is not None else dy.new_empty(0)
     db = bias.new_empty(bias.shape) if bias is not None else dy.new_empty(0)
-    return h.new_empty(h.shape, dtype=_stat_dtype(h)), dw, db
+    return h.new_empty(h.shape, dtype=torch.promote_types(dy.dtype, h.dtype)), dw, db
 
 
 def _setup_context(ctx, inputs, output):

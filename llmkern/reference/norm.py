@@ -10,8 +10,10 @@ backend contract used by :mod:`llmkern.ops.norm`, on 2-D rows:
     mean, rstd: (M,) float32 (float64 for float64 input; mean empty for RMSNorm).
 ``norm_bwd(dy, dresidual_out, h, weight, bias, mean, rstd, eps, rms) -> (dh, dweight, dbias)``
     h: the normalized input (x, or residual_out); dresidual_out: (M, N) or None.
-    dh: (M, N) float32 (float64 for float64 h) gradient of h, dresidual_out added; dweight/dbias
-    in the parameter's dtype, empty tensors when the parameter is None.
+    dh: (M, N) gradient of h, dresidual_out added, computed in fp32 (fp64 for fp64 h) and returned
+    in ``torch.promote_types(dy.dtype, h.dtype)``: the input dtype when x and residual share one
+    (no extra fp32 pass over the rows), wide enough for both when they differ. dweight/dbias in the
+    parameter's dtype, empty tensors when the parameter is None.
 """
 from __future__ import annotations
 
@@ -89,16 +91,18 @@ def norm_bwd(dy, dresidual_out, h, weight, bias, mean, rstd, eps: float, rms: bo
     ``dweight = sum_rows(dy * xhat)``, ``dbias = sum_rows(dy)``; ``dh += dresidual_out``.
     ``eps`` is unused (rstd already holds it); it is part of the contract for backends that recompute.
     """
-    dyf, hf = _upcast(dy), _upcast(h)
+    hf = _upcast(h)
+    dyf = dy.to(hf.dtype)
     mean = torch.zeros_like(rstd) if rms else mean
     xhat = (hf - mean[:, None]) * rstd[:, None]
-    g = dyf if weight is None else dyf * _upcast(weight)
+    g = dyf if weight is None else dyf * weight.to(hf.dtype)
     dh = g - xhat * (g * xhat).mean(-1, keepdim=True)
     if not rms:
         dh = dh - g.mean(-1, keepdim=True)
     dh = dh * rstd[:, None]
     if dresidual_out is not None:
-        dh = dh + _upcast(dresidual_out)
+        dh = dh + dresidual_out.to(hf.dtype)
+    dh = dh.to(torch.promote_types(dy.dtype, h.dtype))
     dw = (dyf * xhat).sum(0).to(weight.dtype) if weight is not None else dy.new_empty(0)
     db = dyf.sum(0).to(bias.dtype) if bias is not None else dy.new_empty(0)
     return dh, dw, db

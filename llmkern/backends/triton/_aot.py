@@ -18,6 +18,8 @@ class AotSpec:
     signature: every non-constexpr argument, in order -> Triton type (``"*fp16"``, ``"*fp32"``,
         ``"*u8"``, ``"i32"``, ``"i64"``, ``"fp32"``).
     constants: every ``tl.constexpr`` argument -> its value for this configuration.
+    autotune: True for an autotune candidate, False (default) for a configuration launched by
+        default. ``llmkern kernels`` reports both; the suite requires default ones not to spill.
     """
 
     name: str
@@ -26,3 +28,4 @@ class AotSpec:
     constants: dict[str, object] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+    autotune: bool = False
