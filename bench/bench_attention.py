@@ -98,7 +98,7 @@ def _measure(benchmark, provider, fn, *, mode, tensors, dout):
         benchmark(timed)
         benchmark.extra_info["peak_memory_MB"] = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
-        benchmark.pedantic(timed, rounds=3, iterations=1, warmup_rounds=0)
+        benchmark.pedantic(timed, rounds=5, iterations=1, warmup_rounds=1)
     benchmark.extra_info["device"] = _device_name()
 
 

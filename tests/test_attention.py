@@ -19,11 +19,6 @@ from tests._numerics import assert_close, assert_kernel_close
 sdpa = llmkern.ops.scaled_dot_product_attention
 
 
-def _dtypes(backend):
-    # The interpreter cannot compute bf16 (it keeps raw bits); bf16 runs on the other backends and on GPUs.
-    return [torch.float32, torch.float16] if backend.interpreted else [torch.float32, torch.float16, torch.bfloat16]
-
-
 def _skip_dtype(backend, dtype):
     if dtype == torch.bfloat16 and backend.interpreted:
         pytest.skip("the Triton interpreter cannot compute bfloat16")

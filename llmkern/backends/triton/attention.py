@@ -267,7 +267,6 @@ def _backward(dout, q, k, v, out, lse, mask, dropout_p, is_causal, scale, seed):
 _FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_gd", "stride_dkd", "stride_dvd",
                  "stride_dqd"}
-_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
 def _spec(label, fn, config, pointers, constants, autotune):
@@ -296,11 +295,11 @@ def aot_specs() -> list[AotSpec]:
     not causal; ``MASKED_TABLE`` with causal + boolean mask (contiguous last dim) + dropout; the first of
     each list is the default, the rest autotune candidates. Plus the combine and backward-preprocess
     kernels (fixed configs)."""
-    ptr = _PTR[torch.bfloat16]
-    io = {"fwd": {"Q": ptr, "K": ptr, "V": ptr, "Mask": ptr, "Out": ptr, "Lse": "*fp32"},
-          "decode": {"Q": ptr, "K": ptr, "V": ptr, "Mask": ptr, "Out": "*fp32", "Lse": "*fp32"}}
-    io["dkdv"] = io["dq"] = {"Q": ptr, "K": ptr, "V": ptr, "Mask": ptr, "dOut": ptr, "Lse": "*fp32", "Delta": "*fp32",
-                             "dK": ptr, "dV": ptr, "dQ": ptr}
+    ptr = "*bf16"
+    inputs = {"Q": ptr, "K": ptr, "V": ptr, "Mask": ptr}
+    backward = {**inputs, "dOut": ptr, "Lse": "*fp32", "Delta": "*fp32"}
+    io = {"fwd": {**inputs, "Out": ptr, "Lse": "*fp32"}, "decode": {**inputs, "Out": "*fp32", "Lse": "*fp32"},
+          "dkdv": {**backward, "dK": ptr, "dV": ptr}, "dq": {**backward, "dQ": ptr}}
     kernels = {"fwd": attention_fwd_kernel, "decode": attention_fwd_kernel, "dkdv": attention_bwd_dkdv_kernel,
                "dq": attention_bwd_dq_kernel}
     specs = []
