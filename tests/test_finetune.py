@@ -125,14 +125,17 @@ def test_encode_pair_and_collate():
 
 
 # ------------------------------------------------------------------------------------------ pretraining corpus
-def test_pretraining_corpus_is_unpaired_and_train_only(dataset):
-    docs = corpus(dataset.train)
-    assert not any("question:" in d and "sql:" in d for d in docs)
-    held_out_sql = {e.sql for e in dataset.test + dataset.valid}
-    sql_docs = {d.split("\nsql: ", 1)[1] for d in docs if "\nsql: " in d}
-    assert sql_docs == {e.sql for e in dataset.train}
-    assert not sql_docs & held_out_sql
-    assert not any(name in d for d in docs for name in ("patient", "doctor", "flight", "airline"))
+def test_pretraining_corpus_is_unpaired_and_holds_nothing_held_out(dataset):
+    docs = corpus(dataset, extra_draws=300)
+    sql_docs = {d.split("\nsql: ", 1)[1] for d in docs if d.startswith("tables: ")}
+    text_docs = [d for d in docs if not d.startswith("tables: ")]
+    assert all(d.startswith(("en: ", "ko: ")) and "sql:" not in d and "SELECT" not in d for d in text_docs)
+    assert any("\nko: " in d for d in text_docs)  # parallel English/Korean questions
+    assert {e.sql for e in dataset.train} <= sql_docs
+    assert not sql_docs & {e.sql for e in dataset.test + dataset.valid}
+    held_questions = {e.question for e in dataset.test + dataset.valid}
+    assert not any(line[4:] in held_questions for d in text_docs for line in d.split("\n"))
+    assert not any(name in d for d in docs for name in ("patient", "doctor", "flight", "airline", "환자", "항공"))
     blocks = pack(docs, block_size=64, n_blocks=5, seed=0)
     assert len(blocks) == 5 and all(len(b["input_ids"]) == 64 and b["labels"] == b["input_ids"] for b in blocks)
     assert blocks[0]["input_ids"][0] == tokenizer.BOS
@@ -175,6 +178,7 @@ def _adapter(out):
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.end_to_end
 def test_pipeline_writes_its_outputs_and_resumes_after_an_interrupt(tmp_path, monkeypatch):
     from llmkern.finetune import pipeline
     from llmkern.train.trainer import Trainer
@@ -212,6 +216,7 @@ def test_pipeline_writes_its_outputs_and_resumes_after_an_interrupt(tmp_path, mo
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same result as the uninterrupted run
 
 
+@pytest.mark.end_to_end
 def test_resume_refuses_other_settings(tmp_path):
     from llmkern.finetune import pipeline
 

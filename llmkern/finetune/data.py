@@ -62,6 +62,7 @@ class Dataset:
     test: list[Example]
     databases: dict[str, Path]
     cleaning: CleaningReport
+    rows: dict[str, dict[str, list[tuple]]] = field(default_factory=dict)  # schema -> table -> rows
 
     def summary(self) -> dict:
         seen = sum(e.schema_seen for e in self.test)
@@ -315,10 +316,11 @@ class _Generator:
         return f"SELECT T2.{g.name}, COUNT(*) {self._join()} GROUP BY T2.{g.name}", en, ko
 
 
-def generate(schema: Schema, rows: dict[str, list[tuple]], n: int, seed: int) -> list[Example]:
-    """``n`` draws of a random template over ``schema``, each giving an English and a Korean pair
-    (so ``2 * n`` examples, duplicates included: :func:`clean` removes them)."""
-    rng = random.Random(f"{seed}:{schema.name}:questions")
+def generate(schema: Schema, rows: dict[str, list[tuple]], n: int, seed: int, stream: str = "questions") -> list[Example]:
+    """``n`` draws of a random template over ``schema``, each giving an English and then a Korean
+    pair (so ``2 * n`` examples, duplicates included: :func:`clean` removes them). ``stream`` names
+    an independent random sequence for the same seed."""
+    rng = random.Random(f"{seed}:{schema.name}:{stream}")
     gen = _Generator(schema, rows, rng)
     out = []
     for _ in range(n):
@@ -388,11 +390,12 @@ def build_dataset(directory: str | Path, seed: int = 0, draws_per_schema: int = 
     half Korean); the held-out schemas give ``n_test_held_out`` test pairs.
     """
     directory = Path(directory)
-    databases, pairs = {}, []
+    databases, pairs, all_rows = {}, [], {}
     for schema in SCHEMAS:
         path = directory / f"{schema.name}.sqlite"
         rows = build_database(schema, path, seed)
         databases[schema.name] = path
+        all_rows[schema.name] = rows
         pairs += generate(schema, rows, draws_per_schema if schema.name in TRAIN_SCHEMAS else draws_per_schema // 4, seed)
     pairs, report = clean(pairs, databases)
     rng = random.Random(f"{seed}:splits")
@@ -405,7 +408,7 @@ def build_dataset(directory: str | Path, seed: int = 0, draws_per_schema: int = 
         (test_seen if u < 0.2 else valid if u < 0.25 else train).append(ex)
     rng.shuffle(train)
     test = _balanced_sample(test_seen, n_test_seen, rng) + _balanced_sample(held_out, n_test_held_out, rng)
-    return Dataset(train, _balanced_sample(valid, n_valid, rng), test, databases, report)
+    return Dataset(train, _balanced_sample(valid, n_valid, rng), test, databases, report, all_rows)
 
 
 def template_counts(examples: list[Example]) -> dict[str, int]:

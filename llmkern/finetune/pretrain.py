@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from llmkern.finetune import data, tokenizer
+from llmkern.finetune.schemas import TRAIN_SCHEMAS
 from llmkern.models import Transformer, TransformerConfig
 from llmkern.train import TrainConfig, Trainer
 
@@ -36,18 +37,28 @@ def base_config() -> TransformerConfig:
     return TransformerConfig(vocab_size=tokenizer.VOCAB_SIZE, dim=128, n_layers=4, n_heads=4, max_seq_len=512)
 
 
-def corpus(examples: list[data.Example]) -> list[str]:
-    """The pretraining documents of ``examples``, deduplicated and sorted: each query under its
-    schema, and each question with its translation (English/Korean parallel text, as web corpora
-    hold; it also teaches copying names and numbers from one sentence to the next). No document
-    holds a question together with its SQL."""
-    docs = set()
-    questions: dict[tuple[str, str], dict[str, list[str]]] = {}
+def corpus(dataset: data.Dataset, extra_draws: int = 4000, seed: int = 0) -> list[str]:
+    """The pretraining documents, deduplicated and sorted: each query written under its schema
+    (``tables: ...\nsql: ...``), and each question with its translation (``en: ...\nko: ...``:
+    English/Korean parallel text, as web corpora hold; it also teaches copying names and numbers
+    from one sentence to the next). No document holds a question together with its SQL.
+
+    The queries and questions are those of the training split plus ``extra_draws`` fresh draws
+    per training schema (an independent random stream), minus every draw whose query is in the
+    validation or test split: no held-out query, question or schema is in the corpus.
+    """
+    held = {(e.schema, e.sql) for e in dataset.valid + dataset.test}
+    draws: dict[tuple[str, str], dict[str, set[str]]] = {}
+    examples = list(dataset.train)
+    for name in TRAIN_SCHEMAS:
+        examples += data.generate(data.get_schema(name), dataset.rows[name], extra_draws, seed, stream="pretraining")
     for ex in examples:
-        docs.add(f"tables: {data.schema_text(data.get_schema(ex.schema))}\nsql: {ex.sql}")
-        questions.setdefault((ex.schema, ex.sql), {"en": [], "ko": []})[ex.lang].append(ex.question)
-    for by_lang in questions.values():
-        en, ko = by_lang["en"], by_lang["ko"]
+        if (ex.schema, ex.sql) not in held:
+            draws.setdefault((ex.schema, ex.sql), {"en": set(), "ko": set()})[ex.lang].add(ex.question)
+    docs = set()
+    for (schema, sql), by_lang in draws.items():
+        docs.add(f"tables: {data.schema_text(data.get_schema(schema))}\nsql: {sql}")
+        en, ko = sorted(by_lang["en"]), sorted(by_lang["ko"])
         for i in range(max(len(en), len(ko))):
             if en and ko:
                 docs.add(f"en: {en[i % len(en)]}\nko: {ko[i % len(ko)]}")
@@ -77,7 +88,7 @@ def pretrain(out: str | Path, steps: int = 600, batch_size: int = 16, block_size
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         dataset = data.build_dataset(Path(work) / "databases", seed=seed)
-        docs = corpus(dataset.train)
+        docs = corpus(dataset, seed=seed)
         blocks = pack(docs, block_size, steps * batch_size, seed)
         torch.manual_seed(seed)
         model = Transformer(base_config())
