@@ -14,12 +14,15 @@
 //
 // linear never holds the dense weight. fp32 path: each task decodes kTileN (4) weight rows x kTileK
 // (1024) columns into a 16 KiB buffer and multiplies it with the fp32 input rows in 4 x 4 register
-// blocks (dot products along K). bf16 path (AVX512-BF16, K a multiple of the blocksize): each task
-// owns 16 output features, turns 512 columns of their NF4 codes into bf16 k-pairs (one vpermw per
-// 32 values, a 16 x 16 transpose; 16 KiB), multiplies them with broadcast pairs of x by vdpbf16ps,
-// and scales each block's fp32 partial sum by its absmax (bitsandbytes' CPU scheme, on its storage
-// layout). y(M, N) accumulates in fp32 in a fixed order (deterministic). linear_grad_input decodes
-// kTileK-column strips of 4 weight rows at a time (fp32) and accumulates dx strips the same way.
+// blocks (dot products along K). bf16 path (AVX512-BF16 and VBMI, K a multiple of the blocksize):
+// each task owns 16 output features; it regroups their packed codes, still 4 bits each, so that one
+// dword holds 8 columns of one feature and a vector 16 features (a 16 x 16 transpose, K / 2 bytes
+// per feature), then for up to 16 rows of x at a time decodes every vector in registers into bf16
+// code values (a shift and a vpermw per 32 weights), multiplies them with broadcast pairs of x by
+// vdpbf16ps and scales each block's fp32 partial sums by the 16 block absmax values (bitsandbytes'
+// CPU scheme, on its storage layout). y(M, N) accumulates in fp32 in a fixed order
+// (deterministic). linear_grad_input decodes kTileK-column strips of 4 weight rows at a time (fp32)
+// and accumulates dx strips the same way.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -28,12 +31,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define LLMKERN_NF4_AVX512 1
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
 #define LLMKERN_NF4_BF16 1
 #endif
 #endif
@@ -105,14 +110,15 @@ inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(at::Half* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
-inline void store16(at::BFloat16* p, __m512 v) {
-  // Round to nearest even, NaN -> 0x7FC0: c10::BFloat16's rounding, vectorised.
+// Round to nearest even, NaN -> 0x7FC0: c10::BFloat16's rounding, vectorised.
+inline __m256i bf16_bits(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  return _mm512_cvtepi32_epi16(r);
 }
+inline void store16(at::BFloat16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits(v)); }
 
 // 16 NF4 codes of s (one per lane), by binary search over the midpoints.
 inline __m512i nf4_code16(__m512 s, __m512 bounds) {
@@ -398,8 +404,6 @@ Weight make_weight(const torch::Tensor& packed, const torch::Tensor& absmax, con
 }
 
 #if LLMKERN_NF4_BF16
-constexpr int64_t kPairChunk = 256;  // k-pairs per transposed bf16 tile (16 features x 512 columns: 16 KiB)
-
 // 16 x 16 transpose of dwords: on return r[c] holds column c (lane i = former row i).
 inline void transpose16(__m512i r[16]) {
   __m512i t[16], u[16];
@@ -427,97 +431,220 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
-// Weight rows [n0, n0 + nt) (nt <= 16; rows past nt are zero), columns [k0, k0 + kc) (multiples of
-// 32), as pairs[p * 16 + r] = the bf16 NF4 code values of (w[n0 + r, k0 + 2p], w[n0 + r, k0 + 2p + 1])
-// in one dword: 16 output features per k-pair, the operand layout of vdpbf16ps against a broadcast
-// pair of x. The block scales are applied after the dot products (pair_dot), so the codes need one
-// vpermw per 32 values from a fixed table; a 16 x 16 transpose turns rows into k-pairs.
-void decode_pairs(const uint8_t* packed, int64_t k_in, int64_t n0, int nt, int64_t k0, int64_t kc, uint32_t* pairs) {
-  const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(kNF4)));
-  const __m512i low_nibble = _mm512_set1_epi32(0x0F);
-  for (int64_t j = 0; j < kc; j += 32) {
+// Decoding (quad_dot) reads each dword of NF4 codes, 4 bytes = 8 columns c .. c + 7 of one weight
+// row, four times, shifted right by 0, 4, 8 and 12 bits: vpermw looks up the low 5 bits of both
+// words (its 32-entry table holds the 16 codes twice, so the bit above the nibble is harmless), which
+// gives the bf16 values of columns (c + 1, c + 5), (c, c + 4), (c + 3, c + 7) and (c + 2, c + 6).
+// Those are the k-pairs that vdpbf16ps sums, so x is regrouped to match: kPairOrder lists, for each
+// of the four pairs, the two columns' bytes within 8 bf16 values (16 bytes).
+constexpr int8_t kPairOrder[16] = {2, 3, 10, 11, 0, 1, 8, 9, 6, 7, 14, 15, 4, 5, 12, 13};
+
+// bf16 x (M, K) regrouped per 16 rows: xt[(g * K / 2 + p) * 16 + r] = the two bf16 of row 16 g + r
+// (zero past row M) that k-pair p = 4 * (c / 8) + i multiplies, i-th pair of columns c .. c + 7 in
+// the order above: the 16 broadcasts of one k-pair are one cache line, at fixed offsets from one
+// pointer. K is a multiple of 32.
+std::vector<uint32_t> pair_major(const uint16_t* x, int64_t m_rows, int64_t k_in) {
+  const int64_t groups = (m_rows + 15) / 16, npairs = k_in / 2;
+  std::vector<uint32_t> xt(groups * npairs * 16);
+  const __m512i order = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kPairOrder)));
+  // 16 x 16 dwords per step; up to 256 steps (256 KiB of x) on one thread: cheaper than a parallel region.
+  at::parallel_for(0, groups * (npairs / 16), 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t g = b / (npairs / 16), p0 = b % (npairs / 16) * 16;
+      __m512i rows[16];
+      for (int r = 0; r < 16; ++r) {
+        const int64_t m = g * 16 + r;
+        rows[r] = m < m_rows ? _mm512_shuffle_epi8(_mm512_loadu_si512(x + m * k_in + 2 * p0), order)
+                             : _mm512_setzero_si512();
+      }
+      transpose16(rows);
+      for (int c = 0; c < 16; ++c) _mm512_storeu_si512(xt.data() + (g * npairs + p0 + c) * 16, rows[c]);
+    }
+  });
+  return xt;
+}
+
+// The packed codes of weight rows [n0, n0 + nt) (nt <= 16; rows past nt read as zero bytes, their
+// lanes are masked off later), K columns (a multiple of 32), regrouped as quads[q * 16 + r] = the 4
+// bytes of row n0 + r that hold columns 8q .. 8q + 7: 16 output features per vector, still 4 bits
+// per weight. 64 bytes of each row at a time, by a 16 x 16 dword transpose; quads has room for K
+// rounded up to 128 columns.
+void gather_quads(const uint8_t* packed, int64_t k_in, int64_t n0, int nt, uint32_t* quads) {
+  for (int64_t j = 0; j < k_in; j += 128) {
+    const int dwords = static_cast<int>(std::min<int64_t>(128, k_in - j) / 8);
+    const __mmask16 m = static_cast<__mmask16>((1u << dwords) - 1);
     __m512i rows[16];
     for (int r = 0; r < 16; ++r) {
       if (r >= nt) {
         rows[r] = _mm512_setzero_si512();
         continue;
       }
-      const int64_t i = (n0 + r) * k_in + k0 + j;
-      // 16 bytes -> dword (low nibble << 16) | high nibble: code indices as words in element order.
-      const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / 2)));
-      const __m512i idx = _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(_mm512_and_si512(d, low_nibble), 16));
-      rows[r] = _mm512_permutexvar_epi16(idx, table);
+      const uint8_t* src = packed + ((n0 + r) * k_in + j) / 2;
+      rows[r] = _mm512_maskz_loadu_epi32(m, src);
+      // The same bytes of the next tile (16 rows on) into L2: 16 short row streams per tile are too
+      // many for the hardware prefetchers to catch in time (a hint: never faults, even past the end).
+      _mm_prefetch(reinterpret_cast<const char*>(src + 8 * k_in), _MM_HINT_T1);
     }
     transpose16(rows);
-    for (int c = 0; c < 16; ++c) _mm512_storeu_si512(pairs + (j / 2 + c) * 16, rows[c]);
+    for (int c = 0; c < 16; ++c) _mm512_storeu_si512(quads + (j / 8 + c) * 16, rows[c]);
   }
 }
 
-// y[m, n0 : n0 + 16] (+)= sum over segments s of scales[s] * (sum_{p in s} x[m, 2p : 2p + 2] . pairs[p])
-// for MR rows of bf16 x: each segment (seg_pairs k-pairs, one block per weight row) accumulates in
-// fp32 and is scaled by its 16 block absmax values, as bitsandbytes' CPU kernel does.
-template <int MR>
-void pair_dot(const uint16_t* x, int64_t ldx, const uint32_t* pairs, int64_t npairs, int64_t seg_pairs,
-              const float* scales, float* y, int64_t ldy, __mmask16 nmask, bool accumulate) {
-  __m512 acc[MR], part[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
-  const uint32_t* xw = reinterpret_cast<const uint32_t*>(x);
-  const int64_t ldw = ldx / 2;
-  for (int64_t p0 = 0; p0 < npairs; p0 += seg_pairs) {
-    for (int r = 0; r < MR; ++r) part[r] = _mm512_setzero_ps();
-    for (int64_t p = p0; p < p0 + seg_pairs; ++p) {
-      const __m512bh w = (__m512bh)_mm512_loadu_si512(pairs + p * 16);
-      for (int r = 0; r < MR; ++r) part[r] = _mm512_dpbf16_ps(part[r], (__m512bh)_mm512_set1_epi32(xw[r * ldw + p]), w);
+// The 256-entry nested code (fp32) split into its 4 bytes: planes[p][i] = byte p of code2[i], for
+// vpermi2b look-ups of 64 absmax codes at a time (two per 128 entries and byte).
+struct CodePlanes {
+  alignas(64) uint8_t planes[4][256];
+  explicit CodePlanes(const float* code2) {
+    for (int i = 0; i < 256; ++i) {
+      uint8_t bytes[4];
+      std::memcpy(bytes, code2 + i, 4);
+      for (int p = 0; p < 4; ++p) planes[p][i] = bytes[p];
     }
-    const __m512 scale = _mm512_loadu_ps(scales + (p0 / seg_pairs) * 16);
-    for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(part[r], scale, acc[r]);
   }
+};
+
+// The block scales of weight rows [n0, n0 + nt) as scales[j * 16 + r] = Scales(block j of row n0 + r)
+// for j < row_blocks (rows past nt: those of the last row), 16 rows x 64 blocks at a time; scales
+// has room for row_blocks rounded up to 64. Plain absmax: a 16 x 16 transpose per 16 blocks. Nested
+// absmax: the codes are transposed like the weights (a dword holds 4 blocks of one row) and ordered
+// block-major within each 128-bit lane, so that after the bytewise look-up (vpermi2b: 64 codes per
+// instruction and byte) two rounds of unpacking give, for each of the 4 blocks, the fp32 code
+// values of the 16 rows in row order. The nested absmax of a row changes at most once within 64
+// blocks (nested blocksize >= 64): a blend of two per-row values.
+void tile_scales(const Scales& s, const CodePlanes* code, int64_t row_blocks, int64_t n0, int nt, float* scales) {
+  int64_t rows_at[16];  // first block of each row
+  for (int r = 0; r < 16; ++r) rows_at[r] = (n0 + std::min(r, nt - 1)) * row_blocks;
+  if (s.codes == nullptr) {
+    for (int64_t j0 = 0; j0 < row_blocks; j0 += 16) {
+      const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, row_blocks - j0)) - 1);
+      __m512i rows[16];
+      for (int r = 0; r < 16; ++r)
+        rows[r] = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, s.absmax + rows_at[r] + j0));
+      transpose16(rows);
+      for (int c = 0; c < 16; ++c) _mm512_storeu_si512(scales + (j0 + c) * 16, rows[c]);
+    }
+    return;
+  }
+  const __m512i block_major =
+      _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+  const __m512 offset = _mm512_set1_ps(s.offset);
+  for (int64_t j0 = 0; j0 < row_blocks; j0 += 64) {
+    const int64_t count = std::min<int64_t>(64, row_blocks - j0);
+    // Per row: the nested absmax of the group's first and last block, and where the second starts.
+    alignas(64) float first[16], last[16];
+    alignas(64) int32_t switch_at[16];
+    __m512i rows[16];
+    for (int r = 0; r < 16; ++r) {
+      const int64_t b = rows_at[r] + j0, nested = b >> s.nested_shift;
+      first[r] = s.absmax2[nested];
+      last[r] = s.absmax2[(b + count - 1) >> s.nested_shift];
+      switch_at[r] = static_cast<int32_t>(((nested + 1) << s.nested_shift) - b);
+      rows[r] = _mm512_maskz_loadu_epi8(count == 64 ? ~0ull : (1ull << count) - 1, s.codes + b);
+    }
+    const __m512 lo = _mm512_load_ps(first), hi = _mm512_load_ps(last);
+    const __m512i switch_v = _mm512_load_si512(switch_at);
+    transpose16(rows);
+    for (int c = 0; c < 16; ++c) {
+      const __m512i idx = _mm512_shuffle_epi8(rows[c], block_major);
+      const __mmask64 upper = _mm512_movepi8_mask(idx);  // entries 128 .. 255
+      __m512i byte[4];
+      for (int p = 0; p < 4; ++p) {
+        const __m512i* plane = reinterpret_cast<const __m512i*>(code->planes[p]);
+        byte[p] = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(plane[0], idx, plane[1]),
+                                         _mm512_permutex2var_epi8(plane[2], idx, plane[3]));
+      }
+      const __m512i b01[2] = {_mm512_unpacklo_epi8(byte[0], byte[1]), _mm512_unpackhi_epi8(byte[0], byte[1])};
+      const __m512i b23[2] = {_mm512_unpacklo_epi8(byte[2], byte[3]), _mm512_unpackhi_epi8(byte[2], byte[3])};
+      for (int q = 0; q < 4; ++q) {
+        const __m512i bits = q % 2 == 0 ? _mm512_unpacklo_epi16(b01[q / 2], b23[q / 2])
+                                        : _mm512_unpackhi_epi16(b01[q / 2], b23[q / 2]);
+        const int32_t j = static_cast<int32_t>(4 * c + q);
+        const __mmask16 second = _mm512_cmpge_epi32_mask(_mm512_set1_epi32(j), switch_v);
+        const __m512 absmax2 = _mm512_mask_blend_ps(second, lo, hi);
+        const __m512 product = _mm512_mul_round_ps(_mm512_castsi512_ps(bits), absmax2,
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm512_storeu_ps(scales + (j0 + j) * 16,
+                         _mm512_add_round_ps(product, offset, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      }
+    }
+  }
+}
+
+// y[m, n0 : n0 + 16] = bf16(sum over segments s of scales[s] * (sum_{p in s} xt[p, m] . w[p])) for MR
+// rows of x (xt: their regrouped k-pairs) against nquads quads, w[p] being the bf16 NF4 code values
+// of k-pair p for the 16 features, decoded in registers. Each segment (seg_quads quads, within one
+// block of every weight row) sums in fp32 registers, with S independent vdpbf16ps chains per row so
+// that small MR still fills the pipeline, and is then scaled by its 16 block scales into the
+// accumulators (bitsandbytes' CPU scheme). Those of the first 8 rows stay in registers, the others
+// in L1 (16 partial sums + 16 accumulators would not fit in the 32 registers).
+template <int MR>
+void quad_dot(const uint32_t* xt, const uint32_t* quads, int64_t nquads, int64_t seg_quads, const float* scales,
+              at::BFloat16* y, int64_t ldy, __mmask16 nmask) {
+  constexpr int S = MR <= 4 ? 4 : MR <= 8 ? 2 : 1;
+  constexpr int R = MR < 8 ? MR : 8;  // rows accumulated in registers
+  const __m512i table = _mm512_broadcast_i64x4((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(kNF4)));
+  __m512 acc[R];
+  alignas(64) float spill[MR - R + 1][16];  // rows R .. MR - 1 (one spare: no zero-length array)
   for (int r = 0; r < MR; ++r) {
-    __m512 v = acc[r];
-    if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(nmask, y + r * ldy));
-    _mm512_mask_storeu_ps(y + r * ldy, nmask, v);
+    if (r < R) acc[r] = _mm512_setzero_ps();
+    else _mm512_store_ps(spill[r - R], _mm512_setzero_ps());
   }
+  for (int64_t q0 = 0; q0 < nquads; q0 += seg_quads, scales += 16) {
+    __m512 part[S][MR];
+    for (int s = 0; s < S; ++s)
+      for (int r = 0; r < MR; ++r) part[s][r] = _mm512_setzero_ps();
+    for (int64_t q = q0; q < q0 + seg_quads; ++q) {
+      const __m512i codes = _mm512_loadu_si512(quads + q * 16);
+      for (int j = 0; j < 4; ++j) {
+        const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi32(codes, 4 * j), table);
+        const uint32_t* xp = xt + (4 * q + j) * 16;
+        for (int r = 0; r < MR; ++r)
+          part[j % S][r] = _mm512_dpbf16_ps(part[j % S][r], w, (__m512bh)_mm512_set1_epi32(xp[r]));
+      }
+    }
+    const __m512 scale = _mm512_loadu_ps(scales);
+    for (int r = 0; r < MR; ++r) {
+      __m512 sum = part[0][r];
+      for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, part[s][r]);
+      if (r < R) acc[r] = _mm512_fmadd_ps(sum, scale, acc[r]);
+      else _mm512_store_ps(spill[r - R], _mm512_fmadd_ps(sum, scale, _mm512_load_ps(spill[r - R])));
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    _mm256_mask_storeu_epi16(y + r * ldy, nmask, bf16_bits(r < R ? acc[r] : _mm512_load_ps(spill[r - R])));
 }
 
-void pair_dot_rows(int mr, const uint16_t* x, int64_t ldx, const uint32_t* pairs, int64_t npairs, int64_t seg_pairs,
-                   const float* scales, float* y, int64_t ldy, __mmask16 nmask, bool accumulate) {
-  switch (mr) {
-    case 8: return pair_dot<8>(x, ldx, pairs, npairs, seg_pairs, scales, y, ldy, nmask, accumulate);
-    case 7: return pair_dot<7>(x, ldx, pairs, npairs, seg_pairs, scales, y, ldy, nmask, accumulate);
-    case 6: return pair_dot<6>(x, ldx, pairs, npairs, seg_pairs, scales, y, ldy, nmask, accumulate);
-    case 5: return pair_dot<5>(x, ldx, pairs, npairs, seg_pairs, scales, y, ldy, nmask, accumulate);
-    case 4: return pair_dot<4>(x, ldx, pairs, npairs, seg_pairs, scales, y, ldy, nmask, accumulate);
-    case 3: return pair_dot<3>(x, ldx, pairs, npairs, seg_pairs, scales, y, ldy, nmask, accumulate);
-    case 2: return pair_dot<2>(x, ldx, pairs, npairs, seg_pairs, scales, y, ldy, nmask, accumulate);
-    default: return pair_dot<1>(x, ldx, pairs, npairs, seg_pairs, scales, y, ldy, nmask, accumulate);
-  }
+// quad_dot<mr> for 1 <= mr <= 16.
+template <int... MRs>
+void quad_dot_rows(int mr, std::integer_sequence<int, MRs...>, const uint32_t* xt, const uint32_t* quads,
+                   int64_t nquads, int64_t seg_quads, const float* scales, at::BFloat16* y, int64_t ldy,
+                   __mmask16 nmask) {
+  ((mr == MRs + 1 ? quad_dot<MRs + 1>(xt, quads, nquads, seg_quads, scales, y, ldy, nmask) : void()), ...);
 }
 
-// y (M, N) fp32 = x @ W.T for bf16 x, K a multiple of the blocksize (so every weight row starts a
-// block): tiles of 16 output features run in parallel; each transposes kPairChunk k-pairs of its
-// rows into `pairs`, gathers their block scales, and accumulates 8 rows of y at a time in registers.
-void pair_linear(const uint16_t* xp, int64_t m_rows, const Weight& w, float* yp) {
+// y (M, N) bf16 = x @ W.T (fp32 sums) for bf16 x, K a multiple of the blocksize (so every weight row
+// starts a block), a nested blocksize of at least 64: x is regrouped once (pair_major); tiles of 16
+// output features run in parallel, each gets its block scales (tile_scales) and regroups its codes
+// (gather_quads: K / 2 bytes per feature, 32 KiB for K = 4096), then computes 16 rows of y at a
+// time (quad_dot).
+void pair_linear(const uint16_t* xp, int64_t m_rows, const Weight& w, at::BFloat16* yp) {
   const int64_t n_out = w.n_out, k_in = w.k_in, blocksize = int64_t(1) << w.shift;
-  const int64_t tiles = (n_out + 15) / 16;
-  const int64_t chunk = std::max<int64_t>(2 * kPairChunk, blocksize);  // columns per transposed chunk
+  const int64_t tiles = (n_out + 15) / 16, row_blocks = k_in / blocksize;
+  const std::vector<uint32_t> xt = pair_major(xp, m_rows, k_in);
+  const std::unique_ptr<CodePlanes> code(w.scales.codes ? new CodePlanes(w.scales.code2) : nullptr);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<uint32_t> pairs(chunk / 2 * 16);
-    std::vector<float> scales(chunk / blocksize * 16);
+    std::vector<uint32_t> quads((k_in + 127) / 128 * 256);
+    std::vector<float> scales((row_blocks + 63) / 64 * 64 * 16);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * 16;
       const int nt = static_cast<int>(std::min<int64_t>(16, n_out - n0));
       const __mmask16 nmask = static_cast<__mmask16>((1u << nt) - 1);
-      for (int64_t k0 = 0; k0 < k_in; k0 += chunk) {
-        const int64_t kc = std::min(chunk, k_in - k0);
-        decode_pairs(w.packed, k_in, n0, nt, k0, kc, pairs.data());
-        for (int64_t s = 0; s < kc / blocksize; ++s)
-          for (int r = 0; r < 16; ++r)
-            scales[s * 16 + r] = r < nt ? w.scales(((n0 + r) * k_in + k0 + s * blocksize) >> w.shift) : 0.0f;
-        for (int64_t m0 = 0; m0 < m_rows; m0 += 8) {
-          const int mr = static_cast<int>(std::min<int64_t>(8, m_rows - m0));
-          pair_dot_rows(mr, xp + m0 * k_in + k0, k_in, pairs.data(), kc / 2, blocksize / 2, scales.data(),
-                        yp + m0 * n_out + n0, n_out, nmask, k0 > 0);
-        }
+      tile_scales(w.scales, code.get(), row_blocks, n0, nt, scales.data());
+      gather_quads(w.packed, k_in, n0, nt, quads.data());
+      for (int64_t m0 = 0; m0 < m_rows; m0 += 16) {
+        const int mr = static_cast<int>(std::min<int64_t>(16, m_rows - m0));
+        quad_dot_rows(mr, std::make_integer_sequence<int, 16>{}, xt.data() + m0 * k_in / 2, quads.data(), k_in / 8,
+                      blocksize / 8, scales.data(), yp + m0 * n_out + n0, n_out, nmask);
       }
     }
   });
@@ -563,14 +690,16 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const 
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k_in, "llmkern.nf4_linear (cpu): x must be (M, K)");
   const Weight w = make_weight(packed, absmax, nested_absmax, nested_code, offset, n_out, k_in, blocksize, nested_blocksize);
   const int64_t m_rows = x.size(0);
-  auto y = torch::empty({m_rows, n_out}, x.options().dtype(torch::kFloat32));
 #if LLMKERN_NF4_BF16
-  if (x.scalar_type() == torch::kBFloat16 && k_in % (int64_t(1) << w.shift) == 0) {
+  if (x.scalar_type() == torch::kBFloat16 && k_in % (int64_t(1) << w.shift) == 0 &&
+      (w.scales.codes == nullptr || w.scales.nested_shift >= 6)) {
     const torch::Tensor xc = x.contiguous();
-    pair_linear(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), m_rows, w, y.data_ptr<float>());
-    return y.to(x.scalar_type());
+    auto y = torch::empty({m_rows, n_out}, x.options());
+    pair_linear(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), m_rows, w, y.data_ptr<at::BFloat16>());
+    return y;
   }
 #endif
+  auto y = torch::empty({m_rows, n_out}, x.options().dtype(torch::kFloat32));
   const torch::Tensor xf = x.to(torch::kFloat32).contiguous();
   tiled_linear(xf.data_ptr<float>(), m_rows, w, y.data_ptr<float>());
   return y.to(x.scalar_type());

@@ -1,4 +1,4 @@
-"""``llmkern finetune``: the Text2SQL data set, the byte tokenizer, the pretraining corpus, scoring,
+"""``llmkern finetune``: the Text2SQL data set, the BPE tokenizer, the pretraining corpus, scoring,
 the resumable pipeline, and (end to end) the rise in execution accuracy from QLoRA fine-tuning."""
 from __future__ import annotations
 
@@ -9,17 +9,26 @@ import sqlite3
 import pytest
 import torch
 
-from llmkern.finetune import data, tokenizer
+from llmkern.finetune import data
 from llmkern.finetune.data import Example, build_dataset, clean, prompt
 from llmkern.finetune.evaluate import score
 from llmkern.finetune.pretrain import corpus, pack
 from llmkern.finetune.schemas import HELD_OUT_SCHEMAS, TRAIN_SCHEMAS, get_schema
 from llmkern.finetune.sqleval import Evaluator
+from llmkern.finetune.tokenizer import BOS, EOS, IGNORE_INDEX, PAD, TextTokenizer, collate
+
+
+SHORT_STEPS = 120
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return build_dataset(tmp_path_factory.mktemp("databases"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(dataset):
+    return TextTokenizer.train(corpus(dataset, extra_draws=100), vocab_size=600)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -101,44 +110,68 @@ def test_databases_match_the_schemas(dataset):
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
-def test_tokenizer_round_trip_and_specials():
-    text = "나이가 25보다 큰 학생의 이름을 보여 주세요. SELECT name FROM student"
+def test_tokenizer_round_trip_and_specials(tokenizer, tmp_path):
+    text = "나이가 25보다 큰 학생의 이름을 보여 주세요. SELECT name FROM student WHERE age > 25"
     ids = tokenizer.encode(text, bos=True, eos=True)
-    assert ids[0] == tokenizer.BOS and ids[-1] == tokenizer.EOS and max(ids) < tokenizer.VOCAB_SIZE
-    assert len(ids) == len(text.encode()) + 2
+    assert ids[0] == BOS and ids[-1] == EOS and max(ids) < tokenizer.vocab_size <= 600
+    assert len(ids) < len(text.encode()) // 2  # merges learned from the corpus
     assert tokenizer.decode(ids) == text
-    assert tokenizer.decode(torch.tensor(ids + [65, 66])) == text  # stops at EOS
-    assert tokenizer.decode(list("학".encode())[:2]) == "\ufffd"  # a cut character does not raise
+    assert tokenizer.decode(torch.tensor(ids + [ids[1], ids[2]])) == text  # stops at EOS
+    digits = tokenizer.encode("1234")
+    assert len(digits) == 4 and tokenizer.decode(digits[:2]) == "12"  # one token per digit
+    unseen = "zqx 환자 ✓"  # characters the corpus never had still encode, byte by byte
+    assert tokenizer.decode(tokenizer.encode(unseen)) == unseen
+    cut = tokenizer.encode("✓")[:1]
+    assert tokenizer.decode(cut) == "\ufffd"  # a cut character does not raise
+    tokenizer.save(tmp_path)
+    again = TextTokenizer.load(tmp_path)
+    assert again.encode(text) == tokenizer.encode(text) and again.vocab_size == tokenizer.vocab_size
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        TextTokenizer.load(tmp_path / "missing")
 
 
-def test_encode_pair_and_collate():
+def test_encode_pair_and_collate(tokenizer):
     a = tokenizer.encode_pair("tables: t(x int)\nquestion: q\nsql: ", "SELECT x FROM t")
     b = tokenizer.encode_pair("p", "S")
     assert len(a["input_ids"]) == len(a["labels"])
-    targets = [t for t in a["labels"] if t != tokenizer.IGNORE_INDEX]
-    assert tokenizer.decode(targets) == "SELECT x FROM t" and targets[-1] == tokenizer.EOS
-    batch = tokenizer.collate([a, b])
+    targets = [t for t in a["labels"] if t != IGNORE_INDEX]
+    assert tokenizer.decode(targets) == "SELECT x FROM t" and targets[-1] == EOS
+    batch = collate([a, b])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, len(a["input_ids"]))
     assert batch["attention_mask"][1].sum() == len(b["input_ids"])
-    assert (batch["input_ids"][1, len(b["input_ids"]):] == tokenizer.PAD).all()
-    assert (batch["labels"][1, len(b["input_ids"]):] == tokenizer.IGNORE_INDEX).all()
+    assert (batch["input_ids"][1, len(b["input_ids"]):] == PAD).all()
+    assert (batch["labels"][1, len(b["input_ids"]):] == IGNORE_INDEX).all()
 
 
 # ------------------------------------------------------------------------------------------ pretraining corpus
-def test_pretraining_corpus_is_unpaired_and_holds_nothing_held_out(dataset):
+def test_pretraining_corpus_holds_nothing_held_out_and_no_prompt(dataset, tokenizer):
     docs = corpus(dataset, extra_draws=300)
-    sql_docs = {d.split("\nsql: ", 1)[1] for d in docs if d.startswith("tables: ")}
-    text_docs = [d for d in docs if not d.startswith("tables: ")]
-    assert all(d.startswith(("en: ", "ko: ")) and "sql:" not in d and "SELECT" not in d for d in text_docs)
-    assert any("\nko: " in d for d in text_docs)  # parallel English/Korean questions
-    assert {e.sql for e in dataset.train} <= sql_docs
-    assert not sql_docs & {e.sql for e in dataset.test + dataset.valid}
+    kinds = {"tables": [d for d in docs if d.startswith("tables: ")],
+             "parallel": [d for d in docs if d.startswith(("en: ", "ko: "))],
+             "sql files": [d for d in docs if d.startswith("-- ")]}
+    assert sum(map(len, kinds.values())) == len(docs) and all(kinds.values())
+    assert not any("question:" in d for d in docs)  # the fine-tuning prompt never appears
+    assert all("SELECT" not in d for d in kinds["parallel"])
+    sql = {d.split("\nsql: ", 1)[1] for d in kinds["tables"]}
+    sql |= {line.rstrip(";") for d in kinds["sql files"] for line in d.split("\n") if not line.startswith("-- ")}
+    assert {e.sql for e in dataset.train} <= sql
+    assert not sql & {e.sql for e in dataset.test + dataset.valid}
     held_questions = {e.question for e in dataset.test + dataset.valid}
-    assert not any(line[4:] in held_questions for d in text_docs for line in d.split("\n"))
+    lines = {line.split(": ", 1)[1] if not line.startswith("-- ") else line[3:] for d in kinds["parallel"] + kinds["sql files"]
+             for line in d.split("\n") if not line.startswith("SELECT")}
+    assert lines and not lines & held_questions
     assert not any(name in d for d in docs for name in ("patient", "doctor", "flight", "airline", "환자", "항공"))
-    blocks = pack(docs, block_size=64, n_blocks=5, seed=0)
+    # half the fresh draws filter on invented text values, which the request names and the SQL repeats
+    known = {v for rows in dataset.rows.values() for table in rows.values() for row in table for v in row}
+    values = [v for d in kinds["sql files"] for v in re.findall(r"= '([^']*)'", d)]
+    invented = [v for v in values if v not in known]
+    assert len(invented) > len(values) // 4 and all(re.fullmatch(r"[A-Z][a-z]+( [A-Z][a-z]+)?", v) for v in invented)
+    for d in kinds["sql files"]:
+        for comment, query in zip(d.split("\n")[::2], d.split("\n")[1::2]):
+            assert all(v in comment for v in re.findall(r"= '([^']*)'", query))
+    blocks = pack(docs, tokenizer, block_size=64, n_blocks=5, seed=0)
     assert len(blocks) == 5 and all(len(b["input_ids"]) == 64 and b["labels"] == b["input_ids"] for b in blocks)
-    assert blocks[0]["input_ids"][0] == tokenizer.BOS
+    assert blocks[0]["input_ids"][0] == BOS
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -154,12 +187,13 @@ def test_score_oracle_and_garbage(dataset):
 
 
 # ------------------------------------------------------------------------------------------ pipeline
-def _tiny_base(path):
+def _tiny_base(path, tokenizer):
     from llmkern.models import Transformer, TransformerConfig
 
     torch.manual_seed(0)
-    model = Transformer(TransformerConfig(vocab_size=tokenizer.VOCAB_SIZE, dim=32, n_layers=1, n_heads=2, max_seq_len=512))
+    model = Transformer(TransformerConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2, max_seq_len=512))
     model.save_pretrained(path)
+    tokenizer.save(path)
     return path
 
 
@@ -179,11 +213,11 @@ def _adapter(out):
 
 
 @pytest.mark.end_to_end
-def test_pipeline_writes_its_outputs_and_resumes_after_an_interrupt(tmp_path, monkeypatch):
+def test_pipeline_writes_its_outputs_and_resumes_after_an_interrupt(tmp_path, monkeypatch, tokenizer):
     from llmkern.finetune import pipeline
     from llmkern.train.trainer import Trainer
 
-    base = _tiny_base(tmp_path / "base")
+    base = _tiny_base(tmp_path / "base", tokenizer)
     whole = pipeline.run(_tiny_config(tmp_path / "whole", base))
     out = tmp_path / "whole"
     assert whole["train"]["step"] == 6 and whole["finetuned"]["seen"]["n"] == 4
@@ -217,13 +251,29 @@ def test_pipeline_writes_its_outputs_and_resumes_after_an_interrupt(tmp_path, mo
 
 
 @pytest.mark.end_to_end
-def test_resume_refuses_other_settings(tmp_path):
+def test_resume_refuses_other_settings(tmp_path, tokenizer):
     from llmkern.finetune import pipeline
 
-    base = _tiny_base(tmp_path / "base")
+    base = _tiny_base(tmp_path / "base", tokenizer)
     pipeline.run(_tiny_config(tmp_path / "run", base, steps=2))
     with pytest.raises(ValueError, match=r"settings differ \(rank: 4 -> 8, lora_alpha: 8.0 -> 16.0\)"):
         pipeline.run(_tiny_config(tmp_path / "run", base, steps=2, rank=8, resume=True))
+
+
+@pytest.mark.end_to_end
+def test_finetuning_the_shipped_base_raises_execution_accuracy(tmp_path):
+    """The seeded short schedule of the acceptance test: QLoRA (NF4 base, checkpointing, accumulation)
+    on the shipped base model lifts execution accuracy on held-out questions over the training
+    schemas from the base model's level to a clear majority."""
+    from llmkern.finetune import pipeline
+    from llmkern.finetune.config import FinetuneConfig
+
+    cfg = FinetuneConfig(out=str(tmp_path), steps=SHORT_STEPS, save_every=SHORT_STEPS, n_test_seen=64,
+                         n_test_held_out=16, device="cpu", progress=False)
+    metrics = pipeline.run(cfg)
+    before, after = (metrics[k]["seen"]["execution_accuracy"] for k in ("base", "finetuned"))
+    assert before <= 0.15 and after >= 0.7, (before, after)  # measured: 0.031 -> 0.875
+    assert metrics["finetuned"]["held_out"]["n"] == 16 and metrics["train"]["step"] == SHORT_STEPS
 
 
 def test_cli_parses_the_documented_options():

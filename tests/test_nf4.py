@@ -247,6 +247,24 @@ def test_nf4_linear_blocksizes_and_long_rows(backend, blocksize):
     assert_kernel_close(y, x.double() @ w32.double().T, base, name=f"nf4_linear blocksize {blocksize}")
 
 
+@pytest.mark.parametrize("rows", (0, 1, 7, 16, 17, 33))
+@pytest.mark.parametrize("blocksize, in_features", [(32, 96), (64, 192), (128, 640), (4096, 4096)], ids=str)
+@pytest.mark.parametrize("double_quant", (False, True))
+def test_nf4_linear_row_counts(backend, rows, blocksize, in_features, double_quant):
+    """Half-precision x with K a multiple of the blocksize (the CPU's bf16 kernel): every row count
+    up to and past its 16-row groups, K not a multiple of 128, 100 outputs (a partial tile of 16;
+    nested blocks of 256 absmax that start inside weight rows)."""
+    w = torch.randn(100, in_features, device=backend.device) / in_features ** 0.5
+    packed, state = ops.nf4_quantize(w, blocksize, double_quant)
+    w32 = ops.nf4_dequantize(packed, state, torch.float32)
+    dtype = _linear_dtypes(backend)[1]
+    x = torch.randn(rows, in_features, device=backend.device, dtype=dtype)
+    y = ops.nf4_linear(x, packed, state)
+    assert y.shape == (rows, 100) and y.dtype == dtype
+    base = torch.nn.functional.linear(x, w32.to(dtype))
+    assert_kernel_close(y, x.double() @ w32.double().T, base, name=f"nf4_linear {rows} rows")
+
+
 def test_nf4_linear_empty_batch(backend):
     packed, state = ops.nf4_quantize(torch.randn(8, 64, device=backend.device), 64)
     x = torch.zeros(0, 64, device=backend.device, requires_grad=True)

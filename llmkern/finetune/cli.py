@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from llmkern.finetune.config import FinetuneConfig
 
 _DEFAULTS = FinetuneConfig()
@@ -23,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-accum-steps", type=int, default=_DEFAULTS.grad_accum_steps)
     parser.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     parser.add_argument("--base", default=None, help="base model directory (default: the checkpoint shipped with llmkern)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice, one per core); on a machine busy with "
+                             "other work, --threads 1 avoids OpenMP threads waiting on each other")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
                          grad_accum_steps=args.grad_accum_steps, seed=args.seed, base=args.base)
     from llmkern.finetune import pipeline  # heavy: models, qlora, train
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"llmkern finetune: --threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     try:
         pipeline.run(cfg)
     except KeyboardInterrupt:

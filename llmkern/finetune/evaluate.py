@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmkern.finetune import tokenizer
+from llmkern.finetune.tokenizer import EOS, PAD, TextTokenizer
 from llmkern.finetune.data import Example, prompt
 from llmkern.finetune.sqleval import Evaluator
 from llmkern.train.memory import PeakMemory, model_tensors
@@ -28,7 +28,7 @@ class Prediction:
     error: str | None
 
 
-def generate_sql(model, examples: list[Example], device: torch.device, batch_size: int = 32,
+def generate_sql(model, tokenizer: TextTokenizer, examples: list[Example], device: torch.device, batch_size: int = 32,
                  max_new_tokens: int = 128) -> tuple[list[str], dict]:
     """Greedy SQL for each example (in order) and ``{"generated_tokens", "seconds", "tokens_per_s",
     "peak_memory_bytes"}``.
@@ -47,21 +47,21 @@ def generate_sql(model, examples: list[Example], device: torch.device, batch_siz
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), tokenizer.PAD, dtype=torch.long)
+        ids = torch.full((len(idx), width), PAD, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
             ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]):] = 1
         ids, mask = ids.to(device), mask.to(device)
         tracker = PeakMemory(device, model_tensors(model)).__enter__() if cuda_peak is None and b == 0 else None
-        out = model.generate(ids, max_new_tokens, eos_token_id=tokenizer.EOS, attention_mask=mask)
+        out = model.generate(ids, max_new_tokens, eos_token_id=EOS, attention_mask=mask)
         if tracker is not None:
             tracker.__exit__(None, None, None)
             peak = tracker.peak_bytes
         new = out[:, width:].cpu()
         for row, i in enumerate(idx):
             tokens = new[row].tolist()
-            n = tokens.index(tokenizer.EOS) + 1 if tokenizer.EOS in tokens else len(tokens)
+            n = tokens.index(EOS) + 1 if EOS in tokens else len(tokens)
             generated += n
             texts[i] = tokenizer.decode(tokens[:n])
     if cuda_peak is not None:
@@ -97,9 +97,9 @@ def score(examples: list[Example], predictions: list[str], evaluator: Evaluator)
     return subsets, judged
 
 
-def evaluate(model, examples: list[Example], evaluator: Evaluator, device: torch.device, batch_size: int = 32,
-             max_new_tokens: int = 128) -> tuple[dict, list[Prediction]]:
+def evaluate(model, tokenizer: TextTokenizer, examples: list[Example], evaluator: Evaluator, device: torch.device,
+             batch_size: int = 32, max_new_tokens: int = 128) -> tuple[dict, list[Prediction]]:
     """Generate and score: ``({"seen": {...}, "held_out": {...}, "generation": {...}}, predictions)``."""
-    texts, generation = generate_sql(model, examples, device, batch_size, max_new_tokens)
+    texts, generation = generate_sql(model, tokenizer, examples, device, batch_size, max_new_tokens)
     subsets, judged = score(examples, texts, evaluator)
     return {**subsets, "generation": generation}, judged

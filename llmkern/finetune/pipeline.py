@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from llmkern.finetune import report, tokenizer
+from llmkern.finetune import report
 from llmkern.finetune.config import FinetuneConfig
 from llmkern.finetune.data import Dataset, Example, build_dataset, prompt
 from llmkern.finetune.evaluate import evaluate
 from llmkern.finetune.pretrain import BASE_DIR
 from llmkern.finetune.sqleval import Evaluator
+from llmkern.finetune.tokenizer import TextTokenizer, collate
 from llmkern.models import Transformer
 from llmkern.qlora import prepare_model, save_adapter
 from llmkern.train import TrainConfig, Trainer
@@ -42,7 +43,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def training_items(examples: list[Example]) -> list[dict[str, list[int]]]:
+def training_items(tokenizer: TextTokenizer, examples: list[Example]) -> list[dict[str, list[int]]]:
     """Each example as BOS + prompt + SQL + EOS, loss on the SQL and EOS only."""
     return [tokenizer.encode_pair(prompt(e.schema, e.question), e.sql) for e in examples]
 
@@ -95,6 +96,10 @@ def run(cfg: FinetuneConfig) -> dict:
     base_dir = Path(cfg.base) if cfg.base else BASE_DIR
     torch.manual_seed(cfg.seed)
     model = Transformer.from_pretrained(base_dir).float().to(device)
+    tokenizer = TextTokenizer.load(base_dir)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"llmkern finetune: the tokenizer in {base_dir} has {tokenizer.vocab_size} tokens, more than "
+                         f"the model's vocabulary of {model.config.vocab_size}")
     say(f"base model: {base_dir} ({model.num_parameters():,} parameters) on {device}")
 
     with Evaluator(dataset.databases) as evaluator:
@@ -104,7 +109,8 @@ def run(cfg: FinetuneConfig) -> dict:
             say(f"base evaluation: reused {base_file}")
         else:
             say(f"evaluating the base model on {len(dataset.test)} test questions...")
-            base_metrics, _ = evaluate(model, dataset.test, evaluator, device, cfg.eval_batch_size, cfg.max_new_tokens)
+            base_metrics, _ = evaluate(model, tokenizer, dataset.test, evaluator, device, cfg.eval_batch_size,
+                                       cfg.max_new_tokens)
             base_file.write_text(json.dumps(base_metrics, indent=2) + "\n")
 
         prepare_model(model, r=cfg.rank, lora_alpha=cfg.lora_alpha, quantize=cfg.quantize)
@@ -113,12 +119,12 @@ def run(cfg: FinetuneConfig) -> dict:
             grad_accum_steps=cfg.grad_accum_steps, lr=cfg.lr, warmup_steps=min(cfg.warmup_steps, cfg.steps),
             gradient_checkpointing=True, save_every=cfg.save_every, keep_checkpoints=2,
             eval_every=cfg.eval_every, seed=cfg.seed, resume=cfg.resume, progress=cfg.progress)
-        trainer = Trainer(model, train_cfg, training_items(dataset.train), training_items(dataset.valid),
-                          collate_fn=tokenizer.collate)
+        trainer = Trainer(model, train_cfg, training_items(tokenizer, dataset.train),
+                          training_items(tokenizer, dataset.valid), collate_fn=collate)
         train_result = trainer.train()
 
         say(f"evaluating the fine-tuned model on {len(dataset.test)} test questions...")
-        tuned_metrics, predictions = evaluate(model, dataset.test, evaluator, device, cfg.eval_batch_size,
+        tuned_metrics, predictions = evaluate(model, tokenizer, dataset.test, evaluator, device, cfg.eval_batch_size,
                                               cfg.max_new_tokens)
 
     save_adapter(model, out / "adapter")
