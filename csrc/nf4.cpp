@@ -35,6 +35,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define LLMKERN_NF4_AVX512 1
@@ -318,6 +322,23 @@ void decode_range(const uint8_t* packed, const Scales& scales, int shift, int64_
   }
 }
 
+// Ask Linux for transparent huge pages on the 2 MiB-aligned part of a fresh output buffer, before
+// its first write: a fresh multi-MiB tensor is mapped on first touch, and faulting it in 4 KiB pages
+// costs more than decoding into it (16 ms vs 1.6 ms for 32 MiB on one core); with 2 MiB pages it
+// is 512 times fewer faults. Advisory: without THP ("never") nothing changes. Only whole pages
+// inside the buffer are advised.
+void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
 void dequantize(const torch::Tensor& packed, const torch::Tensor& absmax, const c10::optional<torch::Tensor>& nested_absmax,
                 const c10::optional<torch::Tensor>& nested_code, double offset, int64_t blocksize,
                 int64_t nested_blocksize, torch::Tensor& out) {
@@ -330,6 +351,7 @@ void dequantize(const torch::Tensor& packed, const torch::Tensor& absmax, const 
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
   TORCH_CHECK(absmax.numel() == nblocks, "llmkern.nf4_dequantize (cpu): absmax must have ", nblocks, " entries");
   const uint8_t* p = packed.data_ptr<uint8_t>();
+  advise_huge_pages(out.data_ptr(), out.nbytes());
   dispatch_float(out.scalar_type(), "nf4_dequantize", [&](auto tag) {
     using T = decltype(tag);
     T* dst = out.data_ptr<T>();
