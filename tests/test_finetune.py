@@ -261,6 +261,16 @@ def test_resume_refuses_other_settings(tmp_path, tokenizer):
 
 
 @pytest.mark.end_to_end
+def test_a_base_pretrained_for_another_seed_is_flagged(tmp_path, tokenizer):
+    from llmkern.finetune import pipeline
+
+    base = _tiny_base(tmp_path / "base", tokenizer)
+    (base / "pretrain.json").write_text(json.dumps({"seed": 0}))
+    with pytest.warns(UserWarning, match="pretrained on the corpus of seed 0, whose training draws may include test queries of seed 3"):
+        pipeline.run(_tiny_config(tmp_path / "run", base, steps=1, seed=3))
+
+
+@pytest.mark.end_to_end
 def test_finetuning_the_shipped_base_raises_execution_accuracy(tmp_path):
     """The seeded short schedule of the acceptance test: QLoRA (NF4 base, checkpointing, accumulation)
     on the shipped base model lifts execution accuracy on held-out questions over the training

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -101,6 +102,13 @@ def run(cfg: FinetuneConfig) -> dict:
         raise ValueError(f"llmkern finetune: the tokenizer in {base_dir} has {tokenizer.vocab_size} tokens, more than "
                          f"the model's vocabulary of {model.config.vocab_size}")
     say(f"base model: {base_dir} ({model.num_parameters():,} parameters) on {device}")
+    made = base_dir / "pretrain.json"
+    base_seed = json.loads(made.read_text()).get("seed") if made.is_file() else cfg.seed
+    if base_seed != cfg.seed:
+        warnings.warn(f"llmkern finetune: the base model was pretrained on the corpus of seed {base_seed}, whose "
+                      f"training draws may include test queries of seed {cfg.seed}; for a clean held-out evaluation, "
+                      f"pretrain a base with `python -m llmkern.finetune.pretrain --seed {cfg.seed} --out DIR` and "
+                      f"pass --base DIR", stacklevel=2)
 
     with Evaluator(dataset.databases) as evaluator:
         base_file = out / "eval_base.json"
