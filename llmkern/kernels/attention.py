@@ -69,6 +69,26 @@ def _add_user_mask(s2, mask_ptrs, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
+def _row_scores(q, k, start_n, offs_m, offs_n, n_ok, Lk, mask_base, mask_rows, stride_mn, qk_scale,
+                BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """Log2-domain scores (BLOCK_M, BLOCK_N) of a query tile against the key tile at ``start_n``: the
+    scaled dot products, the streamed user mask, and -inf where a key is past Lk or (causal) after
+    its query. The forward pass and the dQ pass recompute them alike."""
+    s2 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASK_KIND != 0:
+        cols = tl.minimum(offs_n, Lk - 1) - start_n
+        s2 = _add_user_mask(s2, mask_base + start_n.to(tl.int64) * stride_mn + mask_rows[:, None]
+                            + cols[None, :] * stride_mn, MASK_KIND)
+    if BOUNDARY:
+        visible = n_ok[None, :]
+        if IS_CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        s2 = tl.where(visible, s2, float("-inf"))
+    return s2
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, k_off, v_base, v_off, mask_base, mask_rows, lo, hi,
                offs_m, offs_n0, d_ok, dv_ok, Lq, Lk, stride_kn, stride_vn, stride_mn,
                qk_scale, dropout_p, seed, rng_base,
@@ -86,16 +106,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, k_off, v_base, v_off, mask_base, mask_r
         n_ok = offs_n < Lk
         n64 = start_n.to(tl.int64)
         k = _load_2d(k_base + n64 * stride_kn + k_off, n_ok, d_ok, BOUNDARY, CHECK_D)
-        s2 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASK_KIND != 0:
-            cols = tl.minimum(offs_n, Lk - 1) - start_n
-            s2 = _add_user_mask(s2, mask_base + n64 * stride_mn + mask_rows[:, None] + cols[None, :] * stride_mn,
-                                MASK_KIND)
-        if BOUNDARY:
-            visible = n_ok[None, :]
-            if IS_CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None])
-            s2 = tl.where(visible, s2, float("-inf"))
+        s2 = _row_scores(q, k, start_n, offs_m, offs_n, n_ok, Lk, mask_base, mask_rows, stride_mn, qk_scale,
+                         BOUNDARY, IS_CAUSAL, MASK_KIND, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s2, 1))
         if GUARD:  # a row may have seen only hidden keys so far: keep exp2 away from (-inf) - (-inf)
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -409,16 +421,8 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, k_off, v_base, v_off, mask_base, m
         n64 = start_n.to(tl.int64)
         k = _load_2d(k_base + n64 * stride_kn + k_off, n_ok, d_ok, BOUNDARY, CHECK_D)
         v = _load_2d(v_base + n64 * stride_vn + v_off, n_ok, dv_ok, BOUNDARY, CHECK_DV)
-        s2 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASK_KIND != 0:
-            cols = tl.minimum(offs_n, Lk - 1) - start_n
-            s2 = _add_user_mask(s2, mask_base + n64 * stride_mn + mask_rows[:, None] + cols[None, :] * stride_mn,
-                                MASK_KIND)
-        if BOUNDARY:
-            visible = n_ok[None, :]
-            if IS_CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None])
-            s2 = tl.where(visible, s2, float("-inf"))
+        s2 = _row_scores(q, k, start_n, offs_m, offs_n, n_ok, Lk, mask_base, mask_rows, stride_mn, qk_scale,
+                         BOUNDARY, IS_CAUSAL, MASK_KIND, DOT_PRECISION)
         p = tl.exp2(s2 - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
